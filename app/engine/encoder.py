@@ -1,0 +1,103 @@
+"""The narrow interface between the service and the model: packed images in, arrays out.
+
+One `run` is one forward pass: it concatenates the images' patches (pinned memory on CUDA so
+the host-to-device copy is asynchronous), runs the packed model under `inference_mode`, and
+splits the results back per image as float32 numpy arrays on the host.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from app.engine.attention import AttentionBackend
+from app.engine.loader import LoadedModel
+from app.imaging.sizing import Grid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodeInput:
+    """One image: its sequences' patches concatenated, and one grid per sequence."""
+
+    patches: np.ndarray  # (tokens, 3*p*p) float32
+    grids: tuple[Grid, ...]
+    return_tokens: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return sum(g.tokens for g in self.grids)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodeOutput:
+    pooled: np.ndarray  # (sequences, D) float32, the model's pooler_output per sequence
+    tokens: np.ndarray | None  # (tokens, D) float32 after the post layer norm, when asked
+
+
+class Encoder:
+    def __init__(self, model: LoadedModel, attention: AttentionBackend) -> None:
+        self.model = model
+        self.attention = attention
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.spec.patch_size
+
+    def _stage(self, inputs: Sequence[EncodeInput]) -> torch.Tensor:
+        total = sum(x.tokens for x in inputs)
+        cuda = self.model.device.type == "cuda"
+        host = torch.empty((total, self.model.spec.patch_dim), pin_memory=cuda)
+        offset = 0
+        for x in inputs:
+            host[offset : offset + x.tokens].copy_(torch.from_numpy(x.patches))
+            offset += x.tokens
+        return host.to(self.model.device, non_blocking=True) if cuda else host
+
+    def run(self, inputs: Sequence[EncodeInput]) -> list[EncodeOutput]:
+        """One packed forward pass over every sequence of every input."""
+        if not inputs:
+            return []
+        grids = [g for x in inputs for g in x.grids]
+        want_tokens = any(x.return_tokens for x in inputs)
+        with torch.inference_mode():
+            out = self.model.module(
+                self._stage(inputs), grids, self.attention, return_tokens=want_tokens
+            )
+            pooled = out.pooled.float().cpu().numpy()
+            tokens = out.tokens.float().cpu().numpy() if out.tokens is not None else None
+        results, seq, tok = [], 0, 0
+        for x in inputs:
+            n_seq = len(x.grids)
+            mine = tokens[tok : tok + x.tokens] if tokens is not None and x.return_tokens else None
+            results.append(EncodeOutput(pooled[seq : seq + n_seq], mine))
+            seq += n_seq
+            tok += x.tokens
+        return results
+
+    def warmup(self, max_batch_tokens: int) -> None:
+        """Run packs shaped like real traffic so first requests pay no lazy set-up."""
+        p = self.patch_size
+        rng = np.random.default_rng(0)
+        shapes = [(16, 16), (14, 18), (27, 27), (32, 32), (8, 32), (32, 8)]
+        batch: list[EncodeInput] = []
+        used = 0
+        for rows, cols in shapes * 8:
+            n = rows * cols
+            if used + n > max_batch_tokens:
+                break
+            patches = rng.standard_normal((n, 3 * p * p), dtype=np.float32)
+            batch.append(EncodeInput(patches, (Grid(rows, cols),)))
+            used += n
+        if not batch:
+            rows = cols = max(1, int(max_batch_tokens**0.5))
+            patches = rng.standard_normal((rows * cols, 3 * p * p), dtype=np.float32)
+            batch.append(EncodeInput(patches, (Grid(rows, cols),)))
+        self.run(batch)  # a full mixed pack
+        self.run(batch[:1])  # and a lone small image, the low-load case
+        log.info("warm-up done: %d sequences, %d tokens", len(batch), used)
