@@ -40,6 +40,14 @@ class EncodeOutput:
     tokens: np.ndarray | None  # (tokens, D) float32 after the post layer norm, when asked
 
 
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """Patches of a batch already concatenated (and on CUDA, on their way to the device)."""
+
+    patches: torch.Tensor
+    tokens: int
+
+
 class Encoder:
     def __init__(self, model: LoadedModel, attention: AttentionBackend) -> None:
         self.model = model
@@ -48,6 +56,10 @@ class Encoder:
     @property
     def patch_size(self) -> int:
         return self.model.spec.patch_size
+
+    def stage(self, inputs: Sequence[EncodeInput]) -> Staged:
+        """Concatenate a batch's patches; callable from any thread, ahead of `run`."""
+        return Staged(self._stage(inputs), sum(x.tokens for x in inputs))
 
     def _stage(self, inputs: Sequence[EncodeInput]) -> torch.Tensor:
         total = sum(x.tokens for x in inputs)
@@ -59,15 +71,26 @@ class Encoder:
             offset += x.tokens
         return host.to(self.model.device, non_blocking=True) if cuda else host
 
-    def run(self, inputs: Sequence[EncodeInput]) -> list[EncodeOutput]:
-        """One packed forward pass over every sequence of every input."""
+    def run(
+        self, inputs: Sequence[EncodeInput], staged: Staged | None = None
+    ) -> list[EncodeOutput]:
+        """One packed forward pass over every sequence of every input.
+
+        `staged`, when given, must come from `stage(inputs)` for these same inputs.
+        """
         if not inputs:
             return []
+        total = sum(x.tokens for x in inputs)
+        if staged is not None and staged.tokens != total:
+            raise ValueError(f"staged batch has {staged.tokens} tokens, inputs have {total}")
         grids = [g for x in inputs for g in x.grids]
         want_tokens = any(x.return_tokens for x in inputs)
         with torch.inference_mode():
             out = self.model.module(
-                self._stage(inputs), grids, self.attention, return_tokens=want_tokens
+                staged.patches if staged is not None else self._stage(inputs),
+                grids,
+                self.attention,
+                return_tokens=want_tokens,
             )
             pooled = out.pooled.float().cpu().numpy()
             tokens = out.tokens.float().cpu().numpy() if out.tokens is not None else None

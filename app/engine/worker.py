@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from app.engine.encoder import EncodeInput, EncodeOutput, Encoder
+from app.engine.encoder import EncodeInput, EncodeOutput, Encoder, Staged
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 class Batch(Protocol):
     @property
     def inputs(self) -> Sequence[EncodeInput]: ...
+
+    @property
+    def staged(self) -> Staged | None:
+        """The inputs already concatenated by `Encoder.stage`, if the source did that."""
+        ...
 
     def resolve(self, index: int, output: EncodeOutput, compute_s: float) -> None: ...
 
@@ -54,6 +59,7 @@ class DeviceWorker:
         # Test hooks: make the next forward pass raise, or make the loop itself die.
         self.fail_next_forward: BaseException | None = None
         self.kill_loop: BaseException | None = None
+        self._current: Batch | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -73,17 +79,24 @@ class DeviceWorker:
                     raise self.kill_loop
                 batch = self.source.take(0.05)
                 if batch is not None:
+                    self._current = batch
                     self._process(batch, list(range(len(batch.inputs))), split_on_oom=True)
+                    self._current = None
         except BaseException as exc:  # the thread must never die silently
             log.critical("device thread died: %r", exc)
+            if self._current is not None:
+                for i in range(len(self._current.inputs)):
+                    self._current.reject(i, exc)
             self.on_death(exc)
 
-    def _forward(self, inputs: list[EncodeInput]) -> tuple[list[EncodeOutput], float]:
+    def _forward(
+        self, inputs: list[EncodeInput], staged: Staged | None
+    ) -> tuple[list[EncodeOutput], float]:
         if self.fail_next_forward is not None:
             error, self.fail_next_forward = self.fail_next_forward, None
             raise error
         start = time.perf_counter()
-        outputs = self.encoder.run(inputs)
+        outputs = self.encoder.run(inputs, staged)
         elapsed = time.perf_counter() - start
         if self.on_batch is not None:
             self.on_batch(inputs, elapsed)
@@ -91,8 +104,9 @@ class DeviceWorker:
 
     def _process(self, batch: Batch, indices: list[int], split_on_oom: bool) -> None:
         inputs = [batch.inputs[i] for i in indices]
+        whole = len(indices) == len(batch.inputs)
         try:
-            outputs, elapsed = self._forward(inputs)
+            outputs, elapsed = self._forward(inputs, batch.staged if whole else None)
         except torch.OutOfMemoryError as exc:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -1,0 +1,119 @@
+"""Feeds the device thread: keeps exactly one batch chosen and staged ahead of it.
+
+A stager thread takes the next batch from the queue as soon as the hand-off slot is free and
+stages it (patches concatenated into one tensor, pinned and copied asynchronously on CUDA)
+while the device is still busy with the current one, so the device never waits on packing.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue as stdqueue
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from app.batching.queue import ImageResult, QueuedImage, WorkQueue
+from app.engine.encoder import EncodeInput, EncodeOutput, Staged
+
+log = logging.getLogger(__name__)
+
+
+class PackedBatch:
+    """One forward pass worth of images; completes their tickets (implements worker.Batch)."""
+
+    def __init__(self, items: list[QueuedImage], packed_at: float, staged: Staged | None) -> None:
+        self.items = items
+        self.packed_at = packed_at
+        self.staged = staged
+        self._inputs = [i.input for i in items]
+
+    @property
+    def inputs(self) -> Sequence[EncodeInput]:
+        return self._inputs
+
+    def resolve(self, index: int, output: EncodeOutput, compute_s: float) -> None:
+        item = self.items[index]
+        wait = self.packed_at - item.queued_at
+        item.ticket.resolve(ImageResult(output, item.preprocess_s, wait, compute_s))
+
+    def reject(self, index: int, error: BaseException) -> None:
+        self.items[index].ticket.fail(error)
+
+
+class Batcher:
+    def __init__(
+        self,
+        work: WorkQueue,
+        stage: Callable[[Sequence[EncodeInput]], Staged] | None = None,
+        on_packed: Callable[[PackedBatch], None] = lambda _: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.work = work
+        self._stage = stage
+        self._on_packed = on_packed
+        self._clock = clock
+        self._slot: stdqueue.Queue[PackedBatch] = stdqueue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="patchpack-stager", daemon=True)
+        self.on_death: Callable[[BaseException], None] = lambda _: None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _main(self) -> None:
+        try:
+            while not self._stop.is_set():
+                items = self.work.take(0.05)
+                if not items:
+                    continue
+                batch = self._pack(items)
+                while not self._stop.is_set():
+                    try:
+                        self._slot.put(batch, timeout=0.05)
+                        break
+                    except stdqueue.Full:
+                        continue
+                else:
+                    for i in range(len(batch.items)):
+                        batch.reject(i, RuntimeError("stopped"))
+        except BaseException as exc:
+            log.critical("stager thread died: %r", exc)
+            self.on_death(exc)
+
+    def _pack(self, items: list[QueuedImage]) -> PackedBatch:
+        packed_at = self._clock()
+        staged = None
+        if self._stage is not None:
+            try:
+                staged = self._stage([i.input for i in items])
+            except Exception:
+                # Staging is an optimization: the device thread can still pack on its own.
+                log.exception("staging a batch failed; the device thread will pack it")
+        batch = PackedBatch(items, packed_at, staged)
+        self._on_packed(batch)
+        return batch
+
+    def take(self, timeout: float) -> PackedBatch | None:
+        """For the device thread (worker.BatchSource)."""
+        try:
+            return self._slot.get(timeout=timeout)
+        except stdqueue.Empty:
+            return None
+
+    def drain_slot(self, error: BaseException) -> None:
+        """Fail a staged batch that the device thread will never take."""
+        try:
+            batch = self._slot.get_nowait()
+        except stdqueue.Empty:
+            return
+        for i in range(len(batch.items)):
+            batch.reject(i, error)
