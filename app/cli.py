@@ -40,10 +40,14 @@ def _settings_from(args: argparse.Namespace) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
-        )
-        raise SystemExit(f"patchpack: invalid settings: {problems}") from exc
+        raise SystemExit(_invalid_settings(exc)) from exc
+
+
+def _invalid_settings(exc: ValidationError) -> str:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+    )
+    return f"patchpack: invalid settings: {problems}"
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -55,7 +59,11 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ValidationError as exc:
+        # Device-dependent defaults (MAX_BATCH_TOKENS) are only checked once the device is known.
+        raise SystemExit(_invalid_settings(exc)) from exc
     service = app.state.service
     config = uvicorn.Config(
         app,

@@ -61,12 +61,22 @@ class Encoder:
         """Concatenate a batch's patches; callable from any thread, ahead of `run`."""
         return Staged(self._stage(inputs), sum(x.tokens for x in inputs))
 
+    @staticmethod
+    def pack_order(inputs: Sequence[EncodeInput]) -> list[int]:
+        """The order of the inputs inside the pack: by sequence length, stable.
+
+        Equal lengths then sit side by side, so length-grouped attention (sdpa-segments)
+        slices contiguous runs instead of gathering and scattering tokens in every layer.
+        """
+        return sorted(range(len(inputs)), key=lambda i: inputs[i].grids[0].tokens)
+
     def _stage(self, inputs: Sequence[EncodeInput]) -> torch.Tensor:
         total = sum(x.tokens for x in inputs)
         cuda = self.model.device.type == "cuda"
         host = torch.empty((total, self.model.spec.patch_dim), pin_memory=cuda)
         offset = 0
-        for x in inputs:
+        for i in self.pack_order(inputs):
+            x = inputs[i]
             host[offset : offset + x.tokens].copy_(torch.from_numpy(x.patches))
             offset += x.tokens
         return host.to(self.model.device, non_blocking=True) if cuda else host
@@ -83,7 +93,8 @@ class Encoder:
         total = sum(x.tokens for x in inputs)
         if staged is not None and staged.tokens != total:
             raise ValueError(f"staged batch has {staged.tokens} tokens, inputs have {total}")
-        grids = [g for x in inputs for g in x.grids]
+        order = self.pack_order(inputs)
+        grids = [g for i in order for g in inputs[i].grids]
         want_tokens = any(x.return_tokens for x in inputs)
         with torch.inference_mode():
             out = self.model.module(
@@ -94,14 +105,16 @@ class Encoder:
             )
             pooled = out.pooled.float().cpu().numpy()
             tokens = out.tokens.float().cpu().numpy() if out.tokens is not None else None
-        results, seq, tok = [], 0, 0
-        for x in inputs:
+        results: list[EncodeOutput | None] = [None] * len(inputs)
+        seq = tok = 0
+        for i in order:
+            x = inputs[i]
             n_seq = len(x.grids)
             mine = tokens[tok : tok + x.tokens] if tokens is not None and x.return_tokens else None
-            results.append(EncodeOutput(pooled[seq : seq + n_seq], mine))
+            results[i] = EncodeOutput(pooled[seq : seq + n_seq], mine)
             seq += n_seq
             tok += x.tokens
-        return results
+        return [r for r in results if r is not None]
 
     def warmup(self, max_batch_tokens: int) -> None:
         """Run packs shaped like real traffic so first requests pay no lazy set-up."""

@@ -190,6 +190,8 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
         spec, state, weights = DEMO_SPECS[arch], demo_state(DEMO_SPECS[arch]), "random"
     else:
         path = Path(name).expanduser()
+        if not path.is_dir() and name.startswith(("/", ".", "~")):
+            raise ModelLoadError(f"MODEL={name!r}: no such checkpoint directory")
         directory = path if path.is_dir() else _download(name)
         spec, state = load_directory(directory, name)
         weights = "pretrained"

@@ -7,7 +7,6 @@ count its tokens and refuse it (too many pixels, queue full) without paying for 
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -19,17 +18,16 @@ _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION = 0x0112
 _WHITE = (255, 255, 255)
 
+# This module enforces MAX_IMAGE_PIXELS itself, from the header, before decoding. PIL's fixed
+# decompression-bomb limit (about 179M pixels) would otherwise refuse images the setting allows.
+Image.MAX_IMAGE_PIXELS = None
+
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise InvalidImage("empty image data")
     try:
-        with warnings.catch_warnings():
-            # Our own pixel limit below replaces PIL's decompression-bomb heuristics.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"image exceeds the pixel limit of {max_pixels}") from exc
+        image = Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InvalidImage("not a decodable image (unrecognized format)") from exc
     width, height = image.size
@@ -70,7 +68,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if mode.startswith("I;16") or mode in ("I", "F"):
         # PIL's own I/F -> RGB conversion clips at 255; scale 16-bit range to 8 bits instead.
         values = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if mode != "F" and values.max(initial=0) > 255 else 255.0
+        # I;16 is 16-bit by definition; plain I may hold 8-bit data, so judge it by its values.
+        sixteen_bit = mode.startswith("I;16") or (mode == "I" and values.max(initial=0) > 255)
+        peak = 65535.0 if sixteen_bit else 255.0
         scaled = np.clip(np.rint(values * (255.0 / peak)), 0, 255).astype(np.uint8)
         return Image.fromarray(scaled, mode="L").convert("RGB")
     return image.convert("RGB")

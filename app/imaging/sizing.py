@@ -137,11 +137,13 @@ def anyres_tiles(height: int, width: int, side: int, max_tiles: int) -> tuple[in
 
 
 def fit_in_canvas(height: int, width: int, canvas_h: int, canvas_w: int) -> tuple[int, int]:
-    """Size of the image scaled to fit the canvas with its aspect ratio kept (LLaVA-NeXT)."""
-    scale_h, scale_w = canvas_h / height, canvas_w / width
-    if scale_w < scale_h:
-        return min(math.ceil(height * scale_w), canvas_h), canvas_w
-    return canvas_h, min(math.ceil(width * scale_h), canvas_w)
+    """Size of the image scaled to fit the canvas with its aspect ratio kept (LLaVA-NeXT).
+
+    Integer arithmetic: float division turns an exact 1:2 image into 337x672 on a 336 canvas.
+    """
+    if canvas_w * height < canvas_h * width:  # width binds
+        return min(-(-height * canvas_w // width), canvas_h), canvas_w
+    return canvas_h, min(-(-width * canvas_h // height), canvas_w)
 
 
 def plan_image(req: SizeRequest, patch: int) -> ImagePlan:
