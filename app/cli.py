@@ -6,6 +6,7 @@ import argparse
 import base64
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,10 @@ def _invalid_settings(exc: ValidationError) -> str:
     return f"patchpack: invalid settings: {problems}"
 
 
+def _exit_cleanly(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -87,6 +92,9 @@ def serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     service.on_fatal = fatal
+    # uvicorn re-raises a SIGTERM it handled once its graceful shutdown is over, which would
+    # end a cleanly drained server by the signal (exit 143); orchestrators expect 0.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     server.run()
     if failure:
         print(f"patchpack: could not start: {failure[0]}", file=sys.stderr)

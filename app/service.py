@@ -198,7 +198,8 @@ class EncodeService:
         dead = NotReady("the device worker stopped; the service cannot encode")
         self.work.close(dead)
         if self.batcher is not None:
-            self.batcher.drain_slot(dead)
+            # Not just the slot: the stager may hold a packed batch it would put there next.
+            self.batcher.abort(dead)
 
     def begin_drain(self) -> None:
         """Stop taking new work (readiness drops at once); admitted work carries on."""

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from app.batching.queue import ImageResult, QueuedImage, WorkQueue
 from app.engine.encoder import EncodeInput, EncodeOutput, Staged
+from app.errors import NotReady
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class Batcher:
         self._clock = clock
         self._slot: stdqueue.Queue[PackedBatch] = stdqueue.Queue(maxsize=1)
         self._stop = threading.Event()
+        self._abort: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name="patchpack-stager", daemon=True)
         self.on_death: Callable[[BaseException], None] = lambda _: None
 
@@ -64,6 +66,15 @@ class Batcher:
     def stop(self, timeout: float | None = None) -> None:
         self._stop.set()
         self._thread.join(timeout)
+
+    def abort(self, error: BaseException) -> None:
+        """The device thread is gone: stop staging and fail every batch held here with `error`.
+
+        Callable from any thread, the stager's own included (it does not join).
+        """
+        self._abort = error
+        self._stop.set()
+        self.drain_slot(error)
 
     @property
     def alive(self) -> bool:
@@ -83,8 +94,12 @@ class Batcher:
                     except stdqueue.Full:
                         continue
                 else:
+                    error = self._abort or NotReady("the service is shutting down")
                     for i in range(len(batch.items)):
-                        batch.reject(i, RuntimeError("stopped"))
+                        batch.reject(i, error)
+            if self._abort is not None:
+                # A batch put into the slot while `abort` drained it would wait forever.
+                self.drain_slot(self._abort)
         except BaseException as exc:
             log.critical("stager thread died: %r", exc)
             self.on_death(exc)
