@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
-from app.api.auth import OPEN_PATHS
+from app.api.auth import OPEN_PATHS, BearerAuth
 from app.api.errors import error_body, error_response, internal_response
 from app.api.fetch import UrlFetcher
 from app.api.routes import router
@@ -98,10 +98,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
     app.state.fetcher = None
     app.include_router(router)
-    app.add_middleware(RequestMetrics, metrics=metrics)
 
     def rejected(error_type: str) -> None:
         metrics.rejected.labels(error_type).inc()
+
+    # Added last = outermost: refused requests are still counted by RequestMetrics.
+    app.add_middleware(BearerAuth, keys=settings.api_key_list, on_reject=rejected)
+    app.add_middleware(RequestMetrics, metrics=metrics)
 
     @app.exception_handler(PatchpackError)
     async def _domain_error(request: Request, exc: PatchpackError) -> JSONResponse:

@@ -205,6 +205,8 @@ class EncodeService:
         """Stop taking new work (readiness drops at once); admitted work carries on."""
         if self.state in (State.READY, State.LOADING, State.WARMING):
             self._set_state(State.DRAINING)
+        # Nothing new can join a partial batch any more: waiting for a fuller one is moot.
+        self.work.flush()
 
     async def drain(self, timeout: float) -> None:
         """Refuse new work, let admitted work finish (up to `timeout`), then stop threads."""
@@ -323,6 +325,12 @@ class EncodeService:
         )
         total = sum(a.plan.tokens for a in sized)
         self._check_ready()
+        if total > self.admission.limit:
+            # Retrying could never help, so this is the request's fault, not load (no 429).
+            raise InvalidRequest(
+                f"this request needs {total} tokens, more than the whole queue holds "
+                f"(MAX_QUEUE_TOKENS={self.admission.limit}); split it or lower token_budget"
+            )
         if not self.admission.try_admit(total):
             raise Overloaded(
                 f"the queue holds {self.admission.tokens} tokens; this request needs {total} "

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hmac
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.api.errors import error_response
 from app.errors import Unauthorized
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -22,3 +25,25 @@ def check_bearer(authorization: str | None, keys: tuple[str, ...]) -> None:
         matched |= hmac.compare_digest(presented, key.encode())
     if not matched:
         raise Unauthorized("invalid API key")
+
+
+class BearerAuth:
+    """Every path but the probes and /metrics needs a key (the docs too: they list the API)."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...], on_reject: object = None) -> None:
+        self.app = app
+        self.keys = keys
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.keys and scope["path"] not in OPEN_PATHS:
+            headers = dict(scope.get("headers") or [])
+            raw = headers.get(b"authorization")
+            try:
+                check_bearer(raw.decode("latin-1") if raw is not None else None, self.keys)
+            except Unauthorized as exc:
+                if callable(self.on_reject):
+                    self.on_reject(exc.type)
+                await error_response(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -14,7 +14,6 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from app.api.auth import check_bearer
 from app.api.render import render_response
 from app.api.schemas import EncodeParams, EncodeRequest, EncodeResponse, ErrorResponse, ImageObject
 from app.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
@@ -46,10 +45,6 @@ _DISCONNECT_POLL_S = 0.1
 def _service(request: Request) -> EncodeService:
     service: EncodeService = request.app.state.service
     return service
-
-
-def _authorize(request: Request) -> None:
-    check_bearer(request.headers.get("authorization"), request.app.state.settings.api_key_list)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -152,7 +147,6 @@ async def _until_disconnected(request: Request) -> None:
 )
 async def encode(request: Request) -> Response:
     started = time.perf_counter()
-    _authorize(request)
     service = _service(request)
     settings = service.settings
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -223,7 +217,6 @@ async def readyz(request: Request) -> Response:
 
 @router.get("/info", summary="Model, device and limits in force")
 async def info(request: Request) -> Response:
-    _authorize(request)
     service = _service(request)
     s = service.settings
     model = service.model

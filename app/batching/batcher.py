@@ -7,6 +7,7 @@ while the device is still busy with the current one, so the device never waits o
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue as stdqueue
 import threading
@@ -15,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from app.batching.queue import ImageResult, QueuedImage, WorkQueue
 from app.engine.encoder import EncodeInput, EncodeOutput, Staged
-from app.errors import NotReady
+from app.errors import DeadlineExceeded, NotReady
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +119,28 @@ class Batcher:
         return batch
 
     def take(self, timeout: float) -> PackedBatch | None:
-        """For the device thread (worker.BatchSource)."""
+        """For the device thread (worker.BatchSource).
+
+        A staged batch may have waited behind a long forward pass: images whose client left
+        or whose deadline passed meanwhile are dropped here, at the last moment before compute.
+        """
         try:
-            return self._slot.get(timeout=timeout)
+            batch = self._slot.get(timeout=timeout)
         except stdqueue.Empty:
             return None
+        now = self._clock()
+        live = []
+        for item in batch.items:
+            if item.ticket.abandoned or item.ticket.settled:
+                item.ticket.fail(asyncio.CancelledError())
+            elif now > item.ticket.deadline:
+                item.ticket.fail(DeadlineExceeded("the request deadline passed before it ran"))
+            else:
+                live.append(item)
+        if len(live) == len(batch.items):
+            return batch
+        # The staged tensor no longer matches: the device thread packs the survivors itself.
+        return PackedBatch(live, batch.packed_at, None) if live else None
 
     def drain_slot(self, error: BaseException) -> None:
         """Fail a staged batch that the device thread will never take."""

@@ -186,6 +186,12 @@ class WorkQueue:
                 wait = remaining if plan is None else min(remaining, plan.wait_s)
                 self._cond.wait(wait)
 
+    def flush(self) -> None:
+        """Launch batches as soon as anything is queued (MAX_WAIT_MS no longer applies)."""
+        with self._cond:
+            self.max_wait_s = 0.0
+            self._cond.notify_all()
+
     def close(self, error: BaseException | None = None) -> None:
         """Refuse new items and fail the waiting ones with `error` (default: not ready)."""
         with self._cond:

@@ -215,11 +215,6 @@ async def test_probe_endpoints_are_open_and_info_is_not(keyed: Served) -> None:
     assert scrape.value("patchpack_rejected_total", reason="unauthorized") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="API.md: with API_KEYS set, every endpoint but /healthz, /readyz and /metrics "
-    "needs a key; FastAPI's /docs and /openapi.json are still open",
-)
 @pytest.mark.parametrize("path", ["/docs", "/openapi.json"])
 async def test_docs_need_a_key_too(keyed: Served, path: str) -> None:
     assert (await keyed.client.get(path)).status_code == 401

@@ -259,19 +259,18 @@ async def test_multipart_unknown_field_is_422(served: Served, images: Callable[.
 # -- 429 overloaded -------------------------------------------------------------------------
 
 
-async def test_request_over_the_queue_limit_is_429_with_retry_after(
+async def test_request_larger_than_the_whole_queue_is_422_not_429(
     images: Callable[..., bytes],
 ) -> None:
+    # Retrying could never succeed, so Retry-After would be a lie: the request is at fault.
     async with serve(max_batch_tokens=256, max_token_budget=256, max_queue_tokens=256) as s:
         data = b64(images(64, 64))  # 16 tokens at budget 16, 256 at budget 256
         response = await s.encode(images=[data, data], token_budget=256)
-        check_error(response, 429, "overloaded")
-        assert int(response.headers["retry-after"]) >= 1
+        body = check_error(response, 422, "invalid_request")
+        assert "MAX_QUEUE_TOKENS=256" in body["message"]
+        assert "retry-after" not in response.headers
         assert s.service.admission.tokens == 0  # nothing of it was admitted
         assert (await s.encode(images=[data], token_budget=256)).status_code == 200
-        scrape = await s.scrape()
-        assert scrape.value("patchpack_rejected_total", reason="overloaded") == 1
-        assert scrape.value("patchpack_requests_total", endpoint="/encode", status="429") == 1
 
 
 async def test_full_queue_refuses_new_work_until_it_drains(
@@ -290,7 +289,11 @@ async def test_full_queue_refuses_new_work_until_it_drains(
             refused = await s.encode(images=[data], token_budget=16)
             check_error(refused, 429, "overloaded")
             assert int(refused.headers["retry-after"]) >= 1
-            assert (await s.scrape()).value("patchpack_queue_tokens") == 512
+            assert s.service.admission.tokens == 512  # the refused request added nothing
+            scrape = await s.scrape()
+            assert scrape.value("patchpack_queue_tokens") == 512
+            assert scrape.value("patchpack_rejected_total", reason="overloaded") == 1
+            assert scrape.value("patchpack_requests_total", endpoint="/encode", status="429") == 1
         finally:
             gate.open()
         done = await asyncio.wait_for(asyncio.gather(first, second), 30)

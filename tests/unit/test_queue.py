@@ -365,3 +365,51 @@ async def test_batcher_stop_fails_a_held_batch_as_not_ready() -> None:
     batcher.drain_slot(NotReady("the service is shutting down"))
     for item in items:
         assert isinstance(await _settled(item.ticket.future), NotReady)
+
+
+async def test_flush_launches_a_partial_batch_without_waiting() -> None:
+    clock = FakeClock(10.0)
+    queue = WorkQueue(100, max_wait_s=60.0, clock=clock)
+    item = _item(asyncio.get_running_loop(), 10, queued_at=10.0)
+    queue.put(item)
+    assert queue.take(0) is None  # young, small: would wait up to a minute for company
+    queue.flush()
+    assert queue.take(0) == [item]
+
+
+async def test_batcher_take_drops_staged_items_that_expired_or_were_abandoned() -> None:
+    # A batch can sit staged behind a long forward pass; it is re-checked at hand-over.
+    loop = asyncio.get_running_loop()
+    clock = FakeClock(10.0)
+    work = WorkQueue(100, max_wait_s=0.0, clock=clock)
+    staged_tokens: list[int] = []
+
+    def stage(inputs: object) -> object:
+        staged_tokens.append(sum(x.tokens for x in inputs))  # type: ignore[attr-defined]
+        return object()
+
+    batcher = Batcher(work, stage=stage, clock=clock)  # type: ignore[arg-type]
+    late = _item(loop, 30, 10.0, deadline=11.0)
+    gone = _item(loop, 20, 10.0)
+    live = _item(loop, 10, 10.0, deadline=100.0)
+    for item in (late, gone, live):
+        work.put(item)
+    batcher.start()
+    try:
+        await _until_len(work, 0)
+        for _ in range(1000):  # the stager puts the batch into the slot
+            if batcher._slot.full():
+                break
+            await asyncio.sleep(0.01)
+        assert staged_tokens == [60]
+        clock.now = 12.0
+        gone.ticket.abandoned = True
+        batch = batcher.take(1)
+        assert batch is not None
+        assert batch.items == [live]
+        assert batch.staged is None  # stale: the device thread packs the survivor itself
+        assert isinstance(await _settled(late.ticket.future), DeadlineExceeded)
+        assert isinstance(await _settled(gone.ticket.future), asyncio.CancelledError)
+        assert not live.ticket.settled
+    finally:
+        batcher.stop(5)
