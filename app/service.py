@@ -27,6 +27,7 @@ from app.batching.queue import Admission, ImageResult, QueuedImage, Ticket, Work
 from app.engine.attention import choose_backend
 from app.engine.encoder import EncodeInput, Encoder
 from app.engine.loader import LoadedModel, load_model, resolve_device, resolve_dtype
+from app.engine.runtime import keep_freed_activations
 from app.engine.worker import DeviceWorker
 from app.errors import (
     InternalError,
@@ -127,6 +128,7 @@ class EncodeService:
         # Tokens per second of recent forward passes, for Retry-After; None until measured.
         self._tokens_per_s: float | None = None
         self._loader: threading.Thread | None = None
+        self._resize_on_device = False
 
     # -- lifecycle ----------------------------------------------------------------------
     @property
@@ -162,11 +164,16 @@ class EncodeService:
 
             if self.settings.torch_threads:
                 torch.set_num_threads(self.settings.torch_threads)
+            keep_freed_activations()
             device = resolve_device(self.settings.device)
             dtype = resolve_dtype(self.settings.dtype, device)
             self.model = load_model(self.settings.model, device, dtype)
             attention = choose_backend(self.settings.attention, device, dtype)
             self.encoder = Encoder(self.model, attention)
+            setting = self.settings.resize_device
+            self._resize_on_device = setting == "model" or (
+                setting == "auto" and device.type == "cuda"
+            )
             if self.settings.warmup:
                 self._set_state(State.WARMING)
                 self.encoder.warmup(self.settings.batch_tokens)
@@ -277,7 +284,14 @@ class EncodeService:
         start = time.perf_counter()
         try:
             image = decode(item.data, self.settings.max_image_pixels)
-            patches = patchify(image, item.plan, self.model.spec.patch_size)
+            if self._resize_on_device and item.plan.strategy is not Strategy.ANYRES:
+                # Only the decode stays on the CPU; the device thread resizes while staging.
+                encode_input = EncodeInput(
+                    None, item.plan.grids, return_tokens, pixels=np.array(image)
+                )
+            else:
+                patches = patchify(image, item.plan, self.model.spec.patch_size)
+                encode_input = EncodeInput(patches, item.plan.grids, return_tokens)
         except PatchpackError as exc:
             ticket.fail(exc.at(item.index))
             return
@@ -288,7 +302,6 @@ class EncodeService:
             return
         elapsed = time.perf_counter() - start
         self.metrics.preprocess.observe(elapsed)
-        encode_input = EncodeInput(patches, item.plan.grids, return_tokens)
         self.work.put(QueuedImage(encode_input, ticket, time.monotonic(), elapsed))
 
     def _release(self, ticket: Ticket) -> None:

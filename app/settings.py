@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     allow_urls: bool = False
     url_timeout_s: float = Field(10.0, gt=0, description="per URL fetch, when ALLOW_URLS is on")
     preprocess_workers: int = Field(0, ge=0, description="decode/resize threads (0 = cpu count)")
+    resize_device: Literal["auto", "cpu", "model"] = Field(
+        "auto",
+        description="where resize+patchify run: auto = on the model's device when it is CUDA "
+        "(naflex/square), cpu = bit-exact CPU path, model = the model's device always",
+    )
     attention: Literal["auto", "cuda-varlen", "flash-attn", "sdpa-segments", "dense-mask"] = "auto"
     torch_threads: int = Field(
         0, ge=0, description="intra-op threads for CPU compute (0 = torch's)"

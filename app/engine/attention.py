@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +151,8 @@ class CudaVarlen:
 
     def __call__(self, qkv: torch.Tensor, plan: _VarlenPlan, scale: float) -> torch.Tensor:
         total, _, heads, dim = qkv.shape
-        q, k, v = qkv.unbind(1)
+        # The flash/cuDNN kernels want dense (T, H, D) inputs, not strided views of the pack.
+        q, k, v = (t.contiguous() for t in qkv.unbind(1))
         cu, n = plan.cu_seqlens, plan.max_len
         o: torch.Tensor = self._fn(q, k, v, cu, cu, n, n, scale=scale)
         return o.reshape(total, heads * dim)
@@ -224,7 +228,23 @@ def choose_backend(
         if name == DenseMask.name:
             continue
         try:
-            return make_backend(name)
-        except ImportError:
-            continue
+            backend = make_backend(name)
+            if device.type == "cuda":
+                _probe(backend, device, dtype)
+            return backend
+        except Exception as exc:  # an importable kernel may still not run on this GPU
+            log.warning("attention backend %s unusable here (%s); trying the next", name, exc)
     return make_backend(SdpaSegments.name)
+
+
+def _probe(backend: AttentionBackend, device: torch.device, dtype: torch.dtype) -> None:
+    """One tiny call, checked against sdpa-segments: a kernel that loads but cannot run on
+    this GPU (or computes garbage) is caught at start-up, not on the first request."""
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(24, 3, 2, 64, generator=gen).to(device=device, dtype=dtype)
+    layout = PackLayout((8, 16), device)
+    got = backend(qkv, backend.plan(layout), 0.125).float()
+    reference = SdpaSegments()
+    want = reference(qkv, reference.plan(layout), 0.125).float()
+    if not torch.allclose(got, want, atol=2e-2, rtol=2e-2):
+        raise RuntimeError("probe output differs from sdpa-segments")

@@ -16,6 +16,7 @@ import torch
 
 from app.engine.attention import AttentionBackend
 from app.engine.loader import LoadedModel
+from app.imaging.device_resize import patchify_tensor
 from app.imaging.sizing import Grid
 
 log = logging.getLogger(__name__)
@@ -23,11 +24,22 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class EncodeInput:
-    """One image: its sequences' patches concatenated, and one grid per sequence."""
+    """One image: its sequences' patches concatenated, and one grid per sequence.
 
-    patches: np.ndarray  # (tokens, 3*p*p) float32
+    Either `patches` (preprocessed on the CPU) or `pixels` (the decoded (H, W, 3) uint8 image,
+    one sequence, resized and cut on the device when the batch is staged) is set.
+    """
+
+    patches: np.ndarray | None  # (tokens, 3*p*p) float32
     grids: tuple[Grid, ...]
     return_tokens: bool = False
+    pixels: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if (self.patches is None) == (self.pixels is None):
+            raise ValueError("an EncodeInput needs exactly one of patches or pixels")
+        if self.pixels is not None and len(self.grids) != 1:
+            raise ValueError("device-side resizing takes single-sequence images only")
 
     @property
     def tokens(self) -> int:
@@ -71,15 +83,32 @@ class Encoder:
         return sorted(range(len(inputs)), key=lambda i: inputs[i].grids[0].tokens)
 
     def _stage(self, inputs: Sequence[EncodeInput]) -> torch.Tensor:
+        order = self.pack_order(inputs)
+        if any(x.pixels is not None for x in inputs):
+            return torch.cat([self._device_patches(inputs[i]) for i in order])
         total = sum(x.tokens for x in inputs)
         cuda = self.model.device.type == "cuda"
         host = torch.empty((total, self.model.spec.patch_dim), pin_memory=cuda)
         offset = 0
-        for i in self.pack_order(inputs):
+        for i in order:
             x = inputs[i]
+            assert x.patches is not None
             host[offset : offset + x.tokens].copy_(torch.from_numpy(x.patches))
             offset += x.tokens
         return host.to(self.model.device, non_blocking=True) if cuda else host
+
+    def _device_patches(self, x: EncodeInput) -> torch.Tensor:
+        device = self.model.device
+        cuda = device.type == "cuda"
+        if x.patches is not None:
+            host = torch.from_numpy(x.patches)
+            return host.pin_memory().to(device, non_blocking=True) if cuda else host
+        assert x.pixels is not None
+        pixels = torch.from_numpy(x.pixels)
+        # uint8 crosses the bus (4x less than float32 patches); the resize runs on the device.
+        pixels = pixels.pin_memory().to(device, non_blocking=True) if cuda else pixels
+        grid, p = x.grids[0], self.patch_size
+        return patchify_tensor(pixels, (grid.rows * p, grid.cols * p), p)
 
     def run(
         self, inputs: Sequence[EncodeInput], staged: Staged | None = None

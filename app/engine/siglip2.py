@@ -137,19 +137,21 @@ class PackedSiglip2Vision(nn.Module):
         self.layers = nn.ModuleList(_EncoderLayer(spec) for _ in range(spec.num_layers))
         self.post_layernorm = nn.LayerNorm(d, eps=spec.layer_norm_eps)
         self.head = _PoolingHead(spec) if spec.use_head else None
-        self._positions: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+        self._positions: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
         self._position_cache_size = position_cache_size
 
     # -- position embeddings ------------------------------------------------------------
     def resized_positions(self, rows: int, cols: int) -> torch.Tensor:
         """The 16x16 learned grid resized to (rows, cols), flattened row-major; LRU-cached."""
-        key = (rows, cols)
+        weight = self.position_embedding.detach()
+        # Device and dtype are part of the key: a module moved after a forward pass must not
+        # reuse tensors resized for its old placement.
+        key = (rows, cols, weight.device, weight.dtype)
         cached = self._positions.get(key)
         if cached is not None:
             self._positions.move_to_end(key)
             return cached
         side = round(self.spec.num_patches**0.5)
-        weight = self.position_embedding.detach()
         grid = weight.view(side, side, -1).permute(2, 0, 1).unsqueeze(0)
         # Antialiased bilinear is float32-only on CPU; transformers upcasts there too.
         source = grid.float() if weight.device.type == "cpu" else grid

@@ -17,7 +17,8 @@ from app.imaging.sizing import ImagePlan, Strategy
 
 
 @cache
-def _lut() -> np.ndarray:
+def level_table() -> np.ndarray:
+    """float32 value of each uint8 level after rescale and normalize (256 entries)."""
     levels = np.arange(256, dtype=np.uint8)
     rescaled = (levels.astype(np.float64) * (1 / 255)).astype(np.float32)
     half = np.float32(0.5)
@@ -65,4 +66,4 @@ def patchify(image: Image.Image, plan: ImagePlan, patch: int) -> np.ndarray:
         thumbnail = _resize(image, (thumb.rows * patch, thumb.cols * patch))
         sequences = [*_tiles(canvas, plan.tiles, patch), _cut(thumbnail, patch)]
     packed = sequences[0] if len(sequences) == 1 else np.concatenate(sequences)
-    return _lut()[packed]
+    return level_table()[packed]

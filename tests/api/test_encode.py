@@ -334,3 +334,22 @@ async def test_image_modes_are_accepted(served: Served, images: Callable[..., by
     assert response.status_code == 200, response.text
     for item in response.json()["data"]:
         assert item["original_size"] == [40, 50]
+
+
+async def test_resize_on_the_model_device_gives_nearly_the_same_embeddings(
+    images: Callable[..., bytes],
+) -> None:
+    """RESIZE_DEVICE=model (the CUDA default) resizes with torch instead of PIL: same sizing,
+    same tokens, embeddings a uint8 level's worth apart; anyres stays on the CPU path."""
+    data = [b64(images(180, 320)), b64(images(300, 100))]
+    async with serve() as cpu_side, serve(resize_device="model") as device_side:
+        assert device_side.service._resize_on_device
+        want = (await cpu_side.encode(images=data, token_budget=64)).json()["data"]
+        got = (await device_side.encode(images=data, token_budget=64)).json()["data"]
+        for a, b in zip(got, want, strict=True):
+            assert (a["tokens"], a["grid"], a["size"]) == (b["tokens"], b["grid"], b["size"])
+            cosine = float(floats(a["embedding"]) @ floats(b["embedding"]))
+            assert cosine > 0.999, cosine
+            assert not np.array_equal(floats(a["embedding"]), floats(b["embedding"]))
+        tiles = await device_side.encode(images=data[:1], token_budget=16, strategy="anyres")
+        assert tiles.status_code == 200

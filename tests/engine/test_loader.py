@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,10 @@ def test_resolve_device() -> None:
 )
 def test_resolve_dtype(setting: str, device: str, dtype: torch.dtype) -> None:
     assert resolve_dtype(setting, torch.device(device)) == dtype
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_allocator_tuning_applies_on_glibc() -> None:
+    from app.engine.runtime import keep_freed_activations
+
+    assert keep_freed_activations() is True
