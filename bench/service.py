@@ -321,9 +321,9 @@ def render(
     # smallest latency the service could have given it.
     wait_s = args.max_wait_ms / 1000
     overheads = [seconds - engine.alone_s[i] for i, seconds in low.per_image]
-    within = [
-        seconds <= wait_s + engine.alone_s[i] + engine.preprocess_s[i]
-        for i, seconds in low.per_image
+    # What the service adds beyond the two stages a lone request cannot overlap.
+    residuals = [
+        seconds - engine.alone_s[i] - engine.preprocess_s[i] for i, seconds in low.per_image
     ]
     bound = wait_s + float(np.median([engine.alone_s[i] for i, _ in low.per_image]))
     lines = [
@@ -370,8 +370,9 @@ def render(
         f"MAX_WAIT_MS + the median single-image forward pass of the same requests = "
         f"{fmt_num(bound)} s. Per request, latency minus that image's own forward pass "
         f"(measured alone in this run): p50 {fmt_num(float(np.median(overheads)) * 1000)} ms; "
-        f"{sum(within)}/{len(within)} requests finished within MAX_WAIT_MS + their own forward "
-        "pass + their own preprocessing.",
+        "minus that image's own preprocessing too (which a lone request cannot overlap): p50 "
+        f"{fmt_num(float(np.median(residuals)) * 1000)} ms, of which MAX_WAIT_MS is "
+        f"{fmt_num(args.max_wait_ms)} ms.",
         f"- preprocessing (decode + resize + patchify) per image, mean: "
         f"{fmt_num(float(np.mean(engine.preprocess_s)) * 1000)} ms",
     ]

@@ -195,24 +195,22 @@ async def encode(request: Request) -> Response:
     return JSONResponse(payload)
 
 
+def _probe(ok: bool, words: tuple[str, str], state: str) -> Response:
+    return JSONResponse(
+        {"status": words[0] if ok else words[1], "state": state}, status_code=200 if ok else 503
+    )
+
+
 @router.get("/healthz", summary="Liveness: the process and its device worker are alive")
 async def healthz(request: Request) -> Response:
     service = _service(request)
-    alive = service.alive
-    return JSONResponse(
-        {"status": "ok" if alive else "dead", "state": service.state.value},
-        status_code=200 if alive else 503,
-    )
+    return _probe(service.alive, ("ok", "dead"), service.state.value)
 
 
 @router.get("/readyz", summary="Readiness: loaded, warmed up and accepting work")
 async def readyz(request: Request) -> Response:
     service = _service(request)
-    ready = service.ready
-    return JSONResponse(
-        {"status": "ready" if ready else "not_ready", "state": service.state.value},
-        status_code=200 if ready else 503,
-    )
+    return _probe(service.ready, ("ready", "not_ready"), service.state.value)
 
 
 @router.get("/info", summary="Model, device and limits in force")

@@ -158,8 +158,11 @@ def _download(repo_id: str) -> Path:
     return Path(path)
 
 
-def demo_state(spec: VisionSpec, seed: int = DEMO_SEED) -> dict[str, torch.Tensor]:
-    """Seeded random weights, initialized the way transformers initializes Siglip2."""
+def demo_reference(spec: VisionSpec, seed: int = DEMO_SEED) -> Any:
+    """transformers' `Siglip2VisionModel` of `spec`, initialized its own way under `seed`.
+
+    The source of the demo weights, and the reference benchmarks compare against.
+    """
     from transformers import Siglip2VisionConfig, Siglip2VisionModel
 
     config = Siglip2VisionConfig(
@@ -173,10 +176,15 @@ def demo_state(spec: VisionSpec, seed: int = DEMO_SEED) -> dict[str, torch.Tenso
         hidden_act=spec.hidden_act,
         vision_use_head=spec.use_head,
     )
+    # A forked RNG: building demo weights must not move the caller's random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        reference = Siglip2VisionModel(config)
-    return from_hf_state_dict(spec, reference.state_dict())
+        return Siglip2VisionModel(config)
+
+
+def demo_state(spec: VisionSpec, seed: int = DEMO_SEED) -> dict[str, torch.Tensor]:
+    """Seeded random weights, initialized the way transformers initializes Siglip2."""
+    return from_hf_state_dict(spec, demo_reference(spec, seed).state_dict())
 
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
