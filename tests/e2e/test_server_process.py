@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -261,3 +262,70 @@ def test_the_console_script_is_installed() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert '"tokens": 252' in result.stdout
+
+
+async def test_encode_client_prints_a_summary_and_the_json(
+    tmp_path: Path, rng_images: Callable[[int, int], bytes]
+) -> None:
+    """`patchpack encode FILE...` against a real server: readable lines, or the raw JSON."""
+    files = []
+    for i, (h, w) in enumerate([(120, 90), (40, 300)]):
+        path = tmp_path / f"img{i}.png"
+        path.write_bytes(rng_images(h, w))
+        files.append(str(path))
+    with run_server(tmp_path) as server:
+        await server.wait_ready()
+        client = [sys.executable, "-m", "app.cli", "encode", *files, "--server", server.url]
+        summary = await asyncio.to_thread(
+            subprocess.run,
+            [*client, "--token-budget", "64"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=_env(),
+        )
+        assert summary.returncode == 0, summary.stderr
+        lines = summary.stdout.strip().splitlines()
+        assert len(lines) == 1 + len(files)
+        assert "120x90 ->" in lines[1] and "norm 1.0000" in lines[1]
+        assert files[1] in lines[2] and "40x300" in lines[2]
+        raw = await asyncio.to_thread(
+            subprocess.run,
+            [*client, "--json", "--strategy", "square"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=_env(),
+        )
+        assert raw.returncode == 0, raw.stderr
+        body = json.loads(raw.stdout)
+        assert [item["size"] for item in body["data"]] == [[256, 256], [256, 256]]
+    # A server that is not there: a clear message and a non-zero exit, not a traceback.
+    gone = subprocess.run(
+        [sys.executable, "-m", "app.cli", "encode", files[0], "--server", server.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(),
+    )
+    assert gone.returncode == 2
+    assert "cannot reach" in gone.stderr and "Traceback" not in gone.stderr
+
+
+def test_plan_prints_the_sizing_decision() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "app.cli", "plan", "480", "640", "--token-budget", "256"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(),
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {
+        "strategy": "naflex",
+        "original_size": [480, 640],
+        "size": [224, 288],
+        "grids": [[14, 18]],
+        "tiles": None,
+        "tokens": 252,
+    }
