@@ -295,10 +295,10 @@ class EncodeService:
         except PatchpackError as exc:
             ticket.fail(exc.at(item.index))
             return
-        except Exception as exc:
+        except Exception:
+            # A bug, not a bad image: the log keeps the traceback, the client gets a plain 500.
             log.exception("preprocessing image %d failed", item.index)
             ticket.fail(InternalError("preprocessing failed").at(item.index))
-            del exc
             return
         elapsed = time.perf_counter() - start
         self.metrics.preprocess.observe(elapsed)
