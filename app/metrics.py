@@ -38,7 +38,7 @@ class Metrics:
         )
         self.queue_wait = Histogram(
             "patchpack_queue_wait_seconds",
-            "Per image, queued to packed into a batch",
+            "Per image, from queued (preprocessed) to its forward pass starting",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

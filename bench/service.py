@@ -23,7 +23,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -69,6 +69,8 @@ class LevelResult:
     latencies_s: tuple[float, ...]
     # (image index, seconds) per successful request, to compare with that image's own pass
     per_image: tuple[tuple[int, float], ...] = ()
+    # Mean per-request stage times in ms, from the responses' timings_ms.
+    stages_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -141,12 +143,16 @@ def scrape(base: str) -> dict[str, float]:
     return out
 
 
+STAGES = ("queue", "preprocess", "compute", "total")
+
+
 async def drive(
     base: str, images: Sequence[BenchImage], concurrency: int, seconds: float, max_requests: int
-) -> tuple[float, Counter[int], list[tuple[int, float]]]:
+) -> tuple[float, Counter[int], list[tuple[int, float]], list[dict[str, float]]]:
     """`concurrency` clients, each sending requests back to back until time or count runs out."""
     statuses: Counter[int] = Counter()
     latencies: list[tuple[int, float]] = []
+    timings: list[dict[str, float]] = []
     sent = 0
     stop_at = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -170,22 +176,24 @@ async def drive(
                 statuses[response.status_code] += 1
                 if response.status_code == 200:
                     latencies.append((index, time.perf_counter() - start))
+                    timings.append(response.json()["timings_ms"])
                 elif response.status_code == 429:
                     await asyncio.sleep(float(response.headers.get("retry-after", "1")))
 
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(w) for w in range(concurrency)))
         elapsed = time.perf_counter() - started
-    return elapsed, statuses, latencies
+    return elapsed, statuses, latencies, timings
 
 
 def run_level(
     base: str, images: Sequence[BenchImage], concurrency: int, seconds: float, max_requests: int
 ) -> LevelResult:
     before = scrape(base)
-    elapsed, statuses, latencies = asyncio.run(
+    elapsed, statuses, latencies, timings = asyncio.run(
         drive(base, images, concurrency, seconds, max_requests)
     )
+    stages = {k: float(np.mean([t[k] for t in timings])) for k in STAGES} if timings else {}
     after = scrape(base)
 
     def delta(name: str) -> float:
@@ -201,6 +209,7 @@ def run_level(
         delta("patchpack_batch_images_sum"),
         tuple(seconds for _, seconds in latencies),
         tuple(latencies),
+        stages,
     )
 
 
@@ -268,7 +277,7 @@ def plot(results: Sequence[LevelResult], engine_tps: float, path: Path, footnote
     import matplotlib.pyplot as plt
 
     levels = [r.concurrency for r in results]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.2))
     ax1.plot(levels, [r.tokens_per_s for r in results], "o-", label="service (from /metrics)")
     ax1.axhline(engine_tps, color="gray", linestyle="--", label="engine alone")
     ax1.set_xscale("log", base=2)
@@ -285,6 +294,20 @@ def plot(results: Sequence[LevelResult], engine_tps: float, path: Path, footnote
     ax2.set_title("Request latency")
     ax2.legend()
     ax2.grid(alpha=0.3)
+    # Where a request's time goes, by stage (server-side timings_ms, mean per request).
+    labels = [str(level) for level in levels]
+    bottom = np.zeros(len(results))
+    for stage in ("preprocess", "queue", "compute"):
+        values = np.array([r.stages_ms.get(stage, 0.0) / 1000 for r in results])
+        ax3.bar(labels, values, bottom=bottom, label=stage)
+        bottom += values
+    other = np.array([r.stages_ms.get("total", 0.0) / 1000 for r in results]) - bottom
+    ax3.bar(labels, np.maximum(other, 0), bottom=bottom, label="other (HTTP, sizing)")
+    ax3.set_xlabel("concurrent clients")
+    ax3.set_ylabel("seconds per request (mean)")
+    ax3.set_title("Time split by stage")
+    ax3.legend(fontsize=8)
+    ax3.grid(axis="y", alpha=0.3)
     fig.text(0.01, 0.01, footnote, fontsize=7, alpha=0.7)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -314,6 +337,7 @@ def render(
             fmt_num(r.latency(0.99)),
             fmt_num(r.batch_images / r.batches) if r.batches else "-",
             f"{r.tokens_per_s / engine.tokens_per_s:.0%}",
+            *(fmt_num(r.stages_ms.get(k, float("nan"))) for k in STAGES),
         )
         for r in results
     ]
@@ -353,6 +377,7 @@ def render(
                 "p99 s",
                 "images/batch",
                 "of engine",
+                *(f"{k} ms" for k in STAGES),
             ],
             rows,
         ),

@@ -27,6 +27,9 @@ class PackedBatch:
     def __init__(self, items: list[QueuedImage], packed_at: float, staged: Staged | None) -> None:
         self.items = items
         self.packed_at = packed_at
+        # When the device thread took it: queue wait runs until then, staged time included,
+        # so queue + compute account for the whole time an image spends after preprocessing.
+        self.started_at = packed_at
         self.staged = staged
         self._inputs = [i.input for i in items]
 
@@ -36,7 +39,7 @@ class PackedBatch:
 
     def resolve(self, index: int, output: EncodeOutput, compute_s: float) -> None:
         item = self.items[index]
-        wait = self.packed_at - item.queued_at
+        wait = self.started_at - item.queued_at
         item.ticket.resolve(ImageResult(output, item.preprocess_s, wait, compute_s))
 
     def reject(self, index: int, error: BaseException) -> None:
@@ -129,6 +132,7 @@ class Batcher:
         except stdqueue.Empty:
             return None
         now = self._clock()
+        batch.started_at = now
         live = []
         for item in batch.items:
             if item.ticket.abandoned or item.ticket.settled:
@@ -140,7 +144,11 @@ class Batcher:
         if len(live) == len(batch.items):
             return batch
         # The staged tensor no longer matches: the device thread packs the survivors itself.
-        return PackedBatch(live, batch.packed_at, None) if live else None
+        if not live:
+            return None
+        survivors = PackedBatch(live, batch.packed_at, None)
+        survivors.started_at = now
+        return survivors
 
     def drain_slot(self, error: BaseException) -> None:
         """Fail a staged batch that the device thread will never take."""
