@@ -338,13 +338,16 @@ class EncodeService:
         )
         total = sum(a.plan.tokens for a in sized)
         self._check_ready()
-        if total > self.admission.limit:
-            # Retrying could never help, so this is the request's fault, not load (no 429).
-            raise InvalidRequest(
-                f"this request needs {total} tokens, more than the whole queue holds "
-                f"(MAX_QUEUE_TOKENS={self.admission.limit}); split it or lower token_budget"
-            )
         if not self.admission.try_admit(total):
+            if total > self.admission.limit:
+                # API.md makes every queue overflow a 429, this one included, although no
+                # retry can succeed: the message says so, so a client can split the request.
+                raise Overloaded(
+                    f"this request needs {total} tokens, more than the whole queue holds "
+                    f"(MAX_QUEUE_TOKENS={self.admission.limit}); split it or lower "
+                    "token_budget: retrying it unchanged cannot succeed",
+                    retry_after_s=self.retry_after_s(),
+                )
             raise Overloaded(
                 f"the queue holds {self.admission.tokens} tokens; this request needs {total} "
                 f"more than MAX_QUEUE_TOKENS={self.admission.limit} allows",

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue as stdqueue
 import threading
 import time
 from collections.abc import Callable, Sequence
 
 from app.batching.queue import ImageResult, QueuedImage, WorkQueue
 from app.engine.encoder import EncodeInput, EncodeOutput, Staged
-from app.errors import DeadlineExceeded, NotReady
+from app.errors import DeadlineExceeded
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,14 @@ class PackedBatch:
 
 
 class Batcher:
+    """Keeps one batch staged for the device thread, topped up until the device takes it.
+
+    The stager forms a batch as soon as the slot is empty (`WorkQueue.take`: full, or the
+    oldest image waited MAX_WAIT_MS) and stages it. While the device is still busy, images
+    that arrive and fit the remaining room join that staged batch (it is re-staged), so a
+    batch is as full as the traffic allows by the time the device takes it.
+    """
+
     def __init__(
         self,
         work: WorkQueue,
@@ -58,7 +65,8 @@ class Batcher:
         self._stage = stage
         self._on_packed = on_packed
         self._clock = clock
-        self._slot: stdqueue.Queue[PackedBatch] = stdqueue.Queue(maxsize=1)
+        self._cond = threading.Condition()
+        self._staged: PackedBatch | None = None
         self._stop = threading.Event()
         self._abort: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name="patchpack-stager", daemon=True)
@@ -69,6 +77,8 @@ class Batcher:
 
     def stop(self, timeout: float | None = None) -> None:
         self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
         self._thread.join(timeout)
 
     def abort(self, error: BaseException) -> None:
@@ -84,29 +94,48 @@ class Batcher:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def staged(self) -> PackedBatch | None:
+        return self._staged
+
     def _main(self) -> None:
         try:
             while not self._stop.is_set():
-                items = self.work.take(0.05)
-                if not items:
+                staged = self._staged
+                if staged is None:
+                    items = self.work.take(0.05)
+                    if items:
+                        self._offer(self._pack(items), replacing=None)
                     continue
-                batch = self._pack(items)
-                while not self._stop.is_set():
-                    try:
-                        self._slot.put(batch, timeout=0.05)
-                        break
-                    except stdqueue.Full:
-                        continue
-                else:
-                    error = self._abort or NotReady("the service is shutting down")
-                    for i in range(len(batch.items)):
-                        batch.reject(i, error)
+                room = self.work.max_batch_tokens - sum(i.tokens for i in staged.items)
+                if room <= 0:
+                    self._wait_taken(staged)  # full: nothing to add until the device takes it
+                    continue
+                extra = self.work.take_fitting(room, 0.05)
+                if not extra:
+                    continue
+                if not self._offer(self._pack(staged.items + extra), replacing=staged):
+                    # The device took `staged` meanwhile: the newcomers start the next batch.
+                    self._offer(self._pack(extra), replacing=None)
             if self._abort is not None:
-                # A batch put into the slot while `abort` drained it would wait forever.
+                # A batch offered while `abort` drained the slot would wait forever.
                 self.drain_slot(self._abort)
         except BaseException as exc:
             log.critical("stager thread died: %r", exc)
             self.on_death(exc)
+
+    def _wait_taken(self, staged: PackedBatch) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._staged is not staged or self._stop.is_set(), 0.05)
+
+    def _offer(self, batch: PackedBatch, replacing: PackedBatch | None) -> bool:
+        """Put `batch` in the slot if the slot still holds `replacing`."""
+        with self._cond:
+            if self._staged is not replacing:
+                return False
+            self._staged = batch
+            self._cond.notify_all()
+            return True
 
     def _pack(self, items: list[QueuedImage]) -> PackedBatch:
         packed_at = self._clock()
@@ -121,15 +150,22 @@ class Batcher:
         self._on_packed(batch)
         return batch
 
+    def _pop(self, timeout: float) -> PackedBatch | None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._staged is not None, timeout):
+                return None
+            batch, self._staged = self._staged, None
+            self._cond.notify_all()
+            return batch
+
     def take(self, timeout: float) -> PackedBatch | None:
         """For the device thread (worker.BatchSource).
 
         A staged batch may have waited behind a long forward pass: images whose client left
         or whose deadline passed meanwhile are dropped here, at the last moment before compute.
         """
-        try:
-            batch = self._slot.get(timeout=timeout)
-        except stdqueue.Empty:
+        batch = self._pop(timeout)
+        if batch is None:
             return None
         now = self._clock()
         batch.started_at = now
@@ -152,9 +188,8 @@ class Batcher:
 
     def drain_slot(self, error: BaseException) -> None:
         """Fail a staged batch that the device thread will never take."""
-        try:
-            batch = self._slot.get_nowait()
-        except stdqueue.Empty:
+        batch = self._pop(0)
+        if batch is None:
             return
         for i in range(len(batch.items)):
             batch.reject(i, error)

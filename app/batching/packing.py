@@ -9,7 +9,9 @@ The rule, oldest first:
 - younger images that fit the remaining room are added, skipping over those that do not,
   so small images fill the gaps a large one leaves;
 - launch when nothing more can be added (the batch is full, or images are left over that did
-  not fit) or once the oldest image has waited `max_wait_s`; otherwise wait for more traffic.
+  not fit) or once the oldest image has waited `max_wait_s`; otherwise wait for more traffic;
+- `fill` alone serves to top up a batch already staged while the device is busy: there the
+  waiting rule is moot, as the batch cannot run before the device is free anyway.
 """
 
 from __future__ import annotations
@@ -45,19 +47,23 @@ def plan_batch(
         raise ValueError(
             f"an item of {candidates[0].tokens} tokens can never fit a batch of {max_tokens}"
         )
-    take: list[int] = []
-    used = 0
-    left_over = False
-    for i, c in enumerate(candidates):
-        if used + c.tokens <= max_tokens:
-            take.append(i)
-            used += c.tokens
-            if used == max_tokens:
-                left_over = i + 1 < len(candidates)
-                break
-        else:
-            left_over = True
+    take = fill([c.tokens for c in candidates], max_tokens)
+    used = sum(candidates[i].tokens for i in take)
+    left_over = len(take) < len(candidates)
     waited = now - candidates[0].queued_at
     full = used == max_tokens or left_over
     launch = full or waited >= max_wait_s
     return BatchPlan(tuple(take), used, launch, 0.0 if launch else max_wait_s - waited)
+
+
+def fill(tokens: Sequence[int], room: int) -> tuple[int, ...]:
+    """Indices of the items (oldest first) that fit `room`, skipping those that do not."""
+    take: list[int] = []
+    used = 0
+    for i, n in enumerate(tokens):
+        if used == room:
+            break
+        if used + n <= room:
+            take.append(i)
+            used += n
+    return tuple(take)

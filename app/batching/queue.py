@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from app.batching.packing import Candidate, plan_batch
+from app.batching.packing import Candidate, fill, plan_batch
 from app.engine.encoder import EncodeInput, EncodeOutput
 from app.errors import DeadlineExceeded, NotReady
 
@@ -191,6 +191,25 @@ class WorkQueue:
         with self._cond:
             self.max_wait_s = 0.0
             self._cond.notify_all()
+
+    def take_fitting(self, room: int, timeout: float) -> list[QueuedImage]:
+        """Items that fit `room` tokens, oldest first, as soon as any is queued (no waiting
+        rule: for topping up a batch that waits for the device anyway). At most `timeout` s."""
+        give_up = self._clock() + timeout
+        with self._cond:
+            while True:
+                now = self._clock()
+                self._drop_dead(now)
+                chosen = set(fill([i.tokens for i in self._items], room))
+                if chosen:
+                    batch = [item for k, item in enumerate(self._items) if k in chosen]
+                    self._items = deque(i for k, i in enumerate(self._items) if k not in chosen)
+                    self._on_size(len(self._items))
+                    return batch
+                remaining = give_up - now
+                if remaining <= 0:
+                    return []
+                self._cond.wait(remaining)
 
     def close(self, error: BaseException | None = None) -> None:
         """Refuse new items and fail the waiting ones with `error` (default: not ready)."""

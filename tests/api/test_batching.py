@@ -222,10 +222,11 @@ async def test_a_dead_device_thread_flips_health_and_fails_everything_pending(
             await asyncio.to_thread(gate.entered.wait, 10)
             pending.append(await _post(s, _sized(images, FULL)))  # staged in the hand-off slot
             await wait_for(lambda: len(s.service.work) == 0 and s.service.admission.tokens == 512)
-            pending.append(await _post(s, _sized(images, FULL)))  # held by the stager
-            await wait_for(lambda: len(s.service.work) == 0 and s.service.admission.tokens == 768)
-            pending.append(await _post(s, _sized(images, HALF)))  # waiting in the queue
-            await wait_for(lambda: len(s.service.work) == 1)
+            # The staged batch is full, so these wait in the queue.
+            pending.append(await _post(s, _sized(images, FULL)))
+            await wait_for(lambda: len(s.service.work) == 1 and s.service.admission.tokens == 768)
+            pending.append(await _post(s, _sized(images, HALF)))
+            await wait_for(lambda: len(s.service.work) == 2)
             worker.kill_loop = RuntimeError("device lost")
         finally:
             gate.open()

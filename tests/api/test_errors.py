@@ -259,16 +259,17 @@ async def test_multipart_unknown_field_is_422(served: Served, images: Callable[.
 # -- 429 overloaded -------------------------------------------------------------------------
 
 
-async def test_request_larger_than_the_whole_queue_is_422_not_429(
+async def test_request_larger_than_the_whole_queue_is_429_and_says_it_cannot_fit(
     images: Callable[..., bytes],
 ) -> None:
-    # Retrying could never succeed, so Retry-After would be a lie: the request is at fault.
+    # API.md: every queue overflow is 429. Retrying this one unchanged can never succeed,
+    # so the message tells the client to split it.
     async with serve(max_batch_tokens=256, max_token_budget=256, max_queue_tokens=256) as s:
         data = b64(images(64, 64))  # 16 tokens at budget 16, 256 at budget 256
         response = await s.encode(images=[data, data], token_budget=256)
-        body = check_error(response, 422, "invalid_request")
-        assert "MAX_QUEUE_TOKENS=256" in body["message"]
-        assert "retry-after" not in response.headers
+        body = check_error(response, 429, "overloaded")
+        assert "MAX_QUEUE_TOKENS=256" in body["message"] and "split" in body["message"]
+        assert int(response.headers["retry-after"]) >= 1
         assert s.service.admission.tokens == 0  # nothing of it was admitted
         assert (await s.encode(images=[data], token_budget=256)).status_code == 200
 

@@ -336,9 +336,10 @@ async def test_batcher_abort_fails_the_staged_and_the_held_batch() -> None:
         work.put(item)
     batcher.start()
     try:
-        # No device thread takes anything: the first batch fills the hand-off slot, the
-        # second is held by the stager, the third stays queued.
-        await _until_len(work, 1)
+        # No device thread takes anything: the first batch fills the hand-off slot (full: no
+        # room to top up), the other two stay queued.
+        await _until_len(work, 2)
+        assert batcher.staged is not None and batcher.staged.items == items[:1]
         dead = NotReady("the device worker stopped")
         work.close(dead)
         batcher.abort(dead)
@@ -351,7 +352,7 @@ async def test_batcher_abort_fails_the_staged_and_the_held_batch() -> None:
         batcher.stop(5)
 
 
-async def test_batcher_stop_fails_a_held_batch_as_not_ready() -> None:
+async def test_batcher_stop_then_drain_fails_the_staged_batch_as_not_ready() -> None:
     loop = asyncio.get_running_loop()
     work = WorkQueue(10, max_wait_s=0.0)
     batcher = Batcher(work)
@@ -359,12 +360,57 @@ async def test_batcher_stop_fails_a_held_batch_as_not_ready() -> None:
     for item in items:
         work.put(item)
     batcher.start()
-    await _until_len(work, 0)
+    await _until_len(work, 1)
     batcher.stop(10)
     assert not batcher.alive
     batcher.drain_slot(NotReady("the service is shutting down"))
+    work.close()
     for item in items:
         assert isinstance(await _settled(item.ticket.future), NotReady)
+
+
+async def test_batcher_tops_up_the_staged_batch_while_the_device_is_busy() -> None:
+    """Images arriving while a staged batch waits for the device join it if they fit, instead
+    of waiting for the batch after: batches are as full as the traffic allows."""
+    loop = asyncio.get_running_loop()
+    work = WorkQueue(100, max_wait_s=0.0)
+    staged_sizes: list[int] = []
+
+    def stage(inputs: object) -> object:
+        staged_sizes.append(len(inputs))  # type: ignore[arg-type]
+        return object()
+
+    batcher = Batcher(work, stage=stage)  # type: ignore[arg-type]
+    first, second, third, big = (
+        _item(loop, 30, 0.0),
+        _item(loop, 30, 0.0),
+        _item(loop, 30, 0.0),
+        _item(loop, 90, 0.0),
+    )
+    work.put(first)
+    batcher.start()
+    try:
+        for _ in range(1000):
+            if batcher.staged is not None:
+                break
+            await asyncio.sleep(0.01)
+        for item in (second, big, third):  # the device is "busy": nobody takes the slot
+            work.put(item)
+        await _until_len(work, 1)
+        for _ in range(1000):  # re-staging happens after the items leave the queue
+            staged = batcher.staged
+            if staged is not None and len(staged.items) == 3:
+                break
+            await asyncio.sleep(0.01)
+        batch = batcher.take(5)
+        assert batch is not None
+        # 30 + 30 + 30 fit the 100-token room; the 90-token image waits for the next batch.
+        assert batch.items == [first, second, third]
+        assert staged_sizes[0] == 1 and staged_sizes[-1] == 3
+        nxt = batcher.take(5)
+        assert nxt is not None and nxt.items == [big]
+    finally:
+        batcher.stop(5)
 
 
 async def test_flush_launches_a_partial_batch_without_waiting() -> None:
@@ -398,7 +444,7 @@ async def test_batcher_take_drops_staged_items_that_expired_or_were_abandoned() 
     try:
         await _until_len(work, 0)
         for _ in range(1000):  # the stager puts the batch into the slot
-            if batcher._slot.full():
+            if batcher.staged is not None:
                 break
             await asyncio.sleep(0.01)
         assert staged_tokens == [60]
