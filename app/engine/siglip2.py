@@ -153,8 +153,9 @@ class PackedSiglip2Vision(nn.Module):
             return cached
         side = round(self.spec.num_patches**0.5)
         grid = weight.view(side, side, -1).permute(2, 0, 1).unsqueeze(0)
-        # Antialiased bilinear is float32-only on CPU; transformers upcasts there too.
-        source = grid.float() if weight.device.type == "cpu" else grid
+        # Resized in float32 everywhere (transformers does so on CPU only): it is computed once
+        # per grid, and a bf16 resize would add its rounding to the bf16 forward pass's.
+        source = grid.float()
         resized = F.interpolate(
             source, size=(rows, cols), mode="bilinear", align_corners=False, antialias=True
         )
