@@ -30,6 +30,7 @@ from app.engine.loader import LoadedModel, load_model, resolve_device, resolve_d
 from app.engine.runtime import keep_freed_activations
 from app.engine.worker import DeviceWorker
 from app.errors import (
+    DeadlineExceeded,
     InternalError,
     InvalidImage,
     InvalidRequest,
@@ -44,6 +45,9 @@ from app.metrics import Metrics
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Added to twice REQUEST_TIMEOUT_S: how long a request may wait on work already running.
+GUARD_GRACE_S = 5.0
 
 
 class State(StrEnum):
@@ -359,8 +363,20 @@ class EncodeService:
             ticket.future.add_done_callback(lambda f: f.cancelled() or f.exception())
         for item, ticket in zip(sized, tickets, strict=True):
             self.pool.submit(self._preprocess, item, ticket, options.return_tokens)
+        # Work already on the device is allowed to finish past the deadline, but not forever:
+        # a pass stuck far beyond it (a hung kernel) must not hold the request open.
+        guard_s = 2 * self.settings.request_timeout_s + GUARD_GRACE_S
         try:
-            results: list[ImageResult] = await asyncio.gather(*(t.future for t in tickets))
+            results: list[ImageResult] = await asyncio.wait_for(
+                asyncio.gather(*(t.future for t in tickets)), guard_s
+            )
+        except TimeoutError:
+            for ticket in tickets:
+                ticket.abandoned = True
+            log.error("request outlived its deadline by %.0f s on the device", guard_s)
+            raise DeadlineExceeded(
+                "the request did not finish long after its deadline; the device may be stuck"
+            ) from None
         except BaseException:
             for ticket in tickets:
                 ticket.abandoned = True

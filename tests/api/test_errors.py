@@ -414,3 +414,20 @@ async def test_unknown_path_and_wrong_method_keep_the_error_shape(served: Served
     check_error(await served.client.get("/encode"), 405, "method_not_allowed")
     scrape = await served.scrape()
     assert scrape.value("patchpack_requests_total", endpoint="other", status="404") == 1
+
+
+async def test_a_stuck_forward_pass_ends_in_504_not_a_hang(
+    images: Callable[..., bytes], blocked_forward: Callable[[Served], Gate]
+) -> None:
+    # Work already running may finish past the deadline, but a pass stuck far beyond it
+    # (2 x REQUEST_TIMEOUT_S + grace) must not hold the request open forever.
+    async with serve(request_timeout_s=0.5) as s:
+        gate = blocked_forward(s)
+        try:
+            response = await asyncio.wait_for(s.encode(images=[b64(images(32, 32))]), 30)
+            body = check_error(response, 504, "timeout")
+            assert "stuck" in body["message"]
+        finally:
+            gate.open()
+        await wait_for(lambda: s.service.admission.tokens == 0)
+        assert (await s.encode(images=[b64(images(32, 32))])).status_code == 200
