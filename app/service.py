@@ -158,10 +158,6 @@ class EncodeService:
         self._loader = threading.Thread(target=self._load, name="patchpack-loader", daemon=True)
         self._loader.start()
 
-    def wait_loaded(self, timeout: float | None = None) -> None:
-        if self._loader is not None:
-            self._loader.join(timeout)
-
     def _load(self) -> None:
         try:
             import torch

@@ -28,6 +28,7 @@ from bench.common import (
     fmt_num,
     machine_facts,
     markdown_table,
+    repeat,
     run_date,
     usable_cores,
 )
@@ -67,13 +68,8 @@ def photo_jpeg(height: int, width: int, rng: np.random.Generator) -> bytes:
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return float(np.median(samples))
+    """Median seconds of `repeats` calls after one warm-up call."""
+    return repeat(fn, repeats, warmup=1).median
 
 
 def measure_stages(

@@ -41,6 +41,7 @@ from bench.common import (
     mixed_workload,
     random_rgb,
     run_date,
+    timed,
 )
 
 MAX_BATCH_TOKENS = 4096
@@ -251,10 +252,10 @@ def engine_tokens_per_s(model: str, images: Sequence[BenchImage], repeats: int) 
         packs[-1].append(x)
     encoder.run(packs[0])  # warm-up
     # Each image alone: what one request costs the device at low load.
-    alone_s = [min(_timed(lambda x=x: encoder.run([x])) for _ in range(2)) for x in inputs]
+    alone_s = [min(timed(lambda x=x: encoder.run([x]))[0] for _ in range(2)) for x in inputs]
     rates = []
     for _ in range(repeats):
-        seconds = sum(_timed(lambda pack=pack: encoder.run(pack)) for pack in packs)
+        seconds = sum(timed(lambda pack=pack: encoder.run(pack))[0] for pack in packs)
         rates.append(sum(x.tokens for x in inputs) / seconds)
     return EngineResult(
         float(np.median(rates)),
@@ -262,12 +263,6 @@ def engine_tokens_per_s(model: str, images: Sequence[BenchImage], repeats: int) 
         tuple(preprocess_s),
         float(np.mean([x.tokens for x in inputs])),
     )
-
-
-def _timed(fn: object) -> float:
-    start = time.perf_counter()
-    fn()  # type: ignore[operator]
-    return time.perf_counter() - start
 
 
 def plot(results: Sequence[LevelResult], engine_tps: float, path: Path, footnote: str) -> None:

@@ -7,15 +7,13 @@ while the device is still busy with the current one, so the device never waits o
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 
-from app.batching.queue import ImageResult, QueuedImage, WorkQueue
+from app.batching.queue import ImageResult, QueuedImage, WorkQueue, settle_if_dead
 from app.engine.encoder import EncodeInput, EncodeOutput, Staged
-from app.errors import DeadlineExceeded
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +56,10 @@ class Batcher:
         self,
         work: WorkQueue,
         stage: Callable[[Sequence[EncodeInput]], Staged] | None = None,
-        on_packed: Callable[[PackedBatch], None] = lambda _: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.work = work
         self._stage = stage
-        self._on_packed = on_packed
         self._clock = clock
         self._cond = threading.Condition()
         self._staged: PackedBatch | None = None
@@ -146,9 +142,7 @@ class Batcher:
             except Exception:
                 # Staging is an optimization: the device thread can still pack on its own.
                 log.exception("staging a batch failed; the device thread will pack it")
-        batch = PackedBatch(items, packed_at, staged)
-        self._on_packed(batch)
-        return batch
+        return PackedBatch(items, packed_at, staged)
 
     def _pop(self, timeout: float) -> PackedBatch | None:
         with self._cond:
@@ -169,14 +163,7 @@ class Batcher:
             return None
         now = self._clock()
         batch.started_at = now
-        live = []
-        for item in batch.items:
-            if item.ticket.abandoned or item.ticket.settled:
-                item.ticket.fail(asyncio.CancelledError())
-            elif now > item.ticket.deadline:
-                item.ticket.fail(DeadlineExceeded("the request deadline passed before it ran"))
-            else:
-                live.append(item)
+        live = [item for item in batch.items if not settle_if_dead(item, now)]
         if len(live) == len(batch.items):
             return batch
         # The staged tensor no longer matches: the device thread packs the survivors itself.

@@ -119,6 +119,22 @@ class QueuedImage:
         return self.input.tokens
 
 
+def settle_if_dead(item: QueuedImage, now: float) -> bool:
+    """Fail an image that must not run any more; True if it was one.
+
+    Its client left (or a sibling image failed): cancelled, nobody waits for it. Its deadline
+    passed: 504. Checked when packing and again when a staged batch reaches the device.
+    """
+    ticket = item.ticket
+    if ticket.abandoned or ticket.settled:
+        ticket.fail(asyncio.CancelledError())
+        return True
+    if now > ticket.deadline:
+        ticket.fail(DeadlineExceeded("the request deadline passed before its images ran"))
+        return True
+    return False
+
+
 class WorkQueue:
     def __init__(
         self,
@@ -148,22 +164,17 @@ class WorkQueue:
             self._cond.notify_all()
 
     def _drop_dead(self, now: float) -> None:
-        if not any(
-            i.ticket.abandoned or i.ticket.settled or now > i.ticket.deadline for i in self._items
-        ):
-            return
-        kept: deque[QueuedImage] = deque()
-        for item in self._items:
-            if item.ticket.abandoned or item.ticket.settled:
-                item.ticket.fail(asyncio.CancelledError())
-            elif now > item.ticket.deadline:
-                item.ticket.fail(
-                    DeadlineExceeded("the request deadline passed before its images ran")
-                )
-            else:
-                kept.append(item)
-        self._items = kept
-        self._on_size(len(kept))
+        kept = deque(item for item in self._items if not settle_if_dead(item, now))
+        if len(kept) != len(self._items):
+            self._items = kept
+            self._on_size(len(kept))
+
+    def _remove(self, chosen: set[int]) -> list[QueuedImage]:
+        """Take the items at positions `chosen` out of the queue, oldest first."""
+        batch = [item for k, item in enumerate(self._items) if k in chosen]
+        self._items = deque(item for k, item in enumerate(self._items) if k not in chosen)
+        self._on_size(len(self._items))
+        return batch
 
     def take(self, timeout: float) -> list[QueuedImage] | None:
         """Block until a batch should launch (see `plan_batch`), at most `timeout` seconds."""
@@ -175,11 +186,7 @@ class WorkQueue:
                 candidates = [Candidate(i.tokens, i.queued_at) for i in self._items]
                 plan = plan_batch(candidates, self.max_batch_tokens, now, self.max_wait_s)
                 if plan is not None and plan.launch:
-                    chosen = set(plan.take)
-                    batch = [item for k, item in enumerate(self._items) if k in chosen]
-                    self._items = deque(i for k, i in enumerate(self._items) if k not in chosen)
-                    self._on_size(len(self._items))
-                    return batch
+                    return self._remove(set(plan.take))
                 remaining = give_up - now
                 if remaining <= 0:
                     return None
@@ -202,10 +209,7 @@ class WorkQueue:
                 self._drop_dead(now)
                 chosen = set(fill([i.tokens for i in self._items], room))
                 if chosen:
-                    batch = [item for k, item in enumerate(self._items) if k in chosen]
-                    self._items = deque(i for k, i in enumerate(self._items) if k not in chosen)
-                    self._on_size(len(self._items))
-                    return batch
+                    return self._remove(chosen)
                 remaining = give_up - now
                 if remaining <= 0:
                     return []

@@ -11,10 +11,18 @@ is used (by default: when the model runs on CUDA).
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 
 from app.imaging.patchify import level_table
+
+
+@cache
+def _device_level_table(device: torch.device) -> torch.Tensor:
+    # Uploaded once per device: a per-image upload would be a synchronous copy every time.
+    return torch.from_numpy(level_table()).to(device)
 
 
 def patchify_tensor(pixels: torch.Tensor, size: tuple[int, int], patch: int) -> torch.Tensor:
@@ -35,7 +43,7 @@ def patchify_tensor(pixels: torch.Tensor, size: tuple[int, int], patch: int) -> 
     # PIL resizes uint8 to uint8: round and clamp to levels, then normalize each level with
     # the CPU path's own table, so equal levels give bit-identical floats.
     levels = image.round_().clamp_(0, 255).to(torch.long)
-    normalized = torch.from_numpy(level_table()).to(pixels.device)[levels]
+    normalized = _device_level_table(pixels.device)[levels]
     rows, cols = height // patch, width // patch
     blocks = normalized[0].view(3, rows, patch, cols, patch).permute(1, 3, 2, 4, 0)
     return blocks.reshape(rows * cols, patch * patch * 3)
